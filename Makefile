@@ -47,3 +47,4 @@ test: install
 
 clean-cache:
 	rm -rf $${SPECQA_CACHE_DIR:-$$HOME/.cache/specqa}
+	rm -f $(VENV)/.models

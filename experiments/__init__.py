@@ -1,0 +1,1 @@
+"""Model loading, prompts, data, scoring, evaluation and W&B logging for specqa experiments."""
