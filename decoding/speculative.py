@@ -113,9 +113,14 @@ class SamplingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DraftSettings(SamplingSettings):
-    """A draft model's sampling settings and its `proposal` mode, one of DRAFT_PROPOSALS."""
+    """A draft model's sampling settings, its `proposal` mode (one of DRAFT_PROPOSALS) and `stop_ids`.
+
+    stop_ids: token ids after which a proposal ends, the EOS ids: the target would discard
+    any draft token after an accepted EOS, so drafting them only costs time.
+    """
 
     proposal: str = "sample"
+    stop_ids: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass
@@ -157,6 +162,11 @@ class Drafter(Protocol):
 
         Return the forward calls spent, nonzero only when a cache had to be rebuilt.
         """
+
+    # Optional: `use_target_cache(target_state: IncrementalModel) -> bool`. `_decode` calls it
+    # after the target's prefill and before `begin`, so that a drafter with the target's
+    # cache layout (a quantized copy of the target) can read the target's keys and values
+    # of confirmed positions from `target_state.cache`. It returns whether it will.
 
 
 class IncrementalModel:
@@ -258,7 +268,7 @@ class ModelDrafter:
     def propose(
         self, sequence: torch.Tensor, length: int, num_tokens: int, generator: torch.Generator | None
     ) -> DraftProposal:
-        """Draw up to `num_tokens` tokens one forward pass at a time."""
+        """Draw up to `num_tokens` tokens one forward pass at a time, stopping after a stop id (EOS)."""
         empty = DraftProposal(tokens=sequence.new_empty(0), q=None, forward_calls=0)
         if num_tokens < 1:
             return empty
@@ -271,13 +281,17 @@ class ModelDrafter:
             token, q = self._draw(logits, generator)
             tokens.append(token)
             q_rows.append(q)
-            if position + 1 == num_tokens or self._unsure(logits, token):
+            if position + 1 == num_tokens or self._unsure(logits, token) or self._stops(token):
                 break
             logits = self.state.forward(token.view(1, 1), logits_to_keep=1)[-1]
 
         q = None if q_rows[0] is None else torch.stack(q_rows)  # (n, V)
         forward_calls = self.state.forward_calls - calls_before
         return DraftProposal(tokens=torch.stack(tokens).to(sequence.device), q=q, forward_calls=forward_calls)
+
+    def _stops(self, token: torch.Tensor) -> bool:
+        # where to stop depends on the draft alone, so the output distribution stays exact
+        return bool(self.settings.stop_ids) and int(token) in self.settings.stop_ids
 
     def _unsure(self, logits: torch.Tensor, token: torch.Tensor) -> bool:
         if self.min_confidence <= 0:
@@ -339,6 +353,16 @@ class CombinedDrafter:
     def rollback(self, sequence: torch.Tensor, length: int) -> int:
         """Roll both drafters back; return their forward calls."""
         return self.primary.rollback(sequence, length) + self.fallback.rollback(sequence, length)
+
+    def use_target_cache(self, target_state: "IncrementalModel") -> bool:
+        """Offer the target's cache to both drafters; return whether either uses it."""
+        return any([offer_target_cache(self.primary, target_state), offer_target_cache(self.fallback, target_state)])
+
+
+def offer_target_cache(drafter: Drafter, target_state: IncrementalModel) -> bool:
+    """Let a drafter that defines `use_target_cache` read the target's cache; return whether it does."""
+    use_target_cache = getattr(drafter, "use_target_cache", None)
+    return bool(use_target_cache(target_state)) if callable(use_target_cache) else False
 
 
 def vocabulary_sizes(model: torch.nn.Module) -> dict[str, int]:
@@ -636,6 +660,7 @@ def speculative_generate(
         top_k=top_k if draft_top_k is None else draft_top_k,
         top_p=top_p if draft_top_p is None else draft_top_p,
         proposal=draft_proposal,
+        stop_ids=frozenset(normalize_eos_ids(eos_token_id)),
     )
     check_settings(k, max_new_tokens, sampling, draft_settings)
     drafter = as_drafter(draft)
@@ -683,6 +708,7 @@ def _decode(
     target_state = IncrementalModel(target, "target")
     if prompt_len > 1:
         target_state.extend_to(sequence, prompt_len - 1)
+    offer_target_cache(drafter, target_state)
     draft_prefill_calls = drafter.begin(sequence, prompt_len, draft_settings)
 
     length = prompt_len

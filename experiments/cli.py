@@ -65,6 +65,7 @@ class JobContext:
 def run_job(cfg: DictConfig, script: str, job: Callable[[DictConfig, JobContext], None]) -> None:
     """Run `job` inside a Hydra task function, turning its errors into one-line reports."""
     context = JobContext.from_hydra(script)
+    route_library_logs()
     try:
         job(cfg, context)
     except KeyboardInterrupt:
@@ -78,6 +79,19 @@ def run_job(cfg: DictConfig, script: str, job: Callable[[DictConfig, JobContext]
         if context.sweep_dir is None:
             raise  # a bug, not a user error: show the traceback
         _report_failure(error, cfg, context)
+
+
+def route_library_logs() -> None:
+    """Send transformers' log records to Hydra's handlers (console on stdout, the job's log file).
+
+    transformers writes its warnings to stderr through a handler of its own. Without this,
+    a warning such as the one about a prompt longer than the tokenizer's maximum
+    would print a second stderr line beside the one-line error that follows it.
+    """
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 def _report_failure(error: BaseException, cfg: DictConfig, context: JobContext) -> None:

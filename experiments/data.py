@@ -75,7 +75,8 @@ def _read_text(file: Path) -> str:
     if file.is_dir():
         raise DatasetError(f"dataset path {file} is a folder; set dataset.path to a .json or .jsonl file")
     try:
-        text = file.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte order mark that some editors put at the start of a file
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise DatasetError(f"dataset {file} is not UTF-8 text ({error.reason} at byte {error.start})") from error
     except OSError as error:

@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from decoding import beam_search, greedy_generate
 from decoding.prompt_lookup import PromptLookupDrafter
-from decoding.speculative import speculative_generate
+from decoding.speculative import SpeculativeStats, speculative_generate
+from experiments.auto_k import AutoK, has_draft_model, measure_step_costs
+from experiments.llama_drafter import model_drafter
 from experiments.models import LoadedModel, check_same_vocabulary, load_model
 from experiments.prompts import PromptError, render_prompt
 from experiments.schema import ConfigError, speculative_log_path, validate_config
@@ -52,6 +54,13 @@ class ModeRunner:
         self.cfg = cfg
         self.target = target
         self.draft = draft
+        # speculative.k=auto: probe items first, then a k chosen from their acceptance and the draft cost
+        self.auto_k = AutoK() if "speculative" in cfg.modes and cfg.speculative.k == "auto" else None
+        if self.auto_k is not None:
+            logger.info(
+                "speculative.k=auto: the first %d items run at k=%d, then k is chosen from their "
+                "acceptance rate and the measured draft cost", self.auto_k.probe_items, self.auto_k.probe_k,
+            )
         self.eos_ids = _eos_ids(target)
         self.max_prompt_tokens = _max_prompt_tokens(target, cfg.generation.max_new_tokens)
         log_path = speculative_log_path(cfg.debug.speculative_log)
@@ -69,7 +78,7 @@ class ModeRunner:
             if cfg.speculative.drafter == "model":
                 draft_model = load_model(model_source(cfg.draft, "draft"))
                 check_same_vocabulary(target, draft_model)
-                draft = draft_model.model
+                draft = model_drafter(draft_model.model)
             else:
                 draft = PromptLookupDrafter()
         return cls(cfg, target, draft)
@@ -80,7 +89,11 @@ class ModeRunner:
             try:
                 render_prompt(self.target.tokenizer, [question], self.cfg.system_prompt, max_length=self.max_prompt_tokens)
             except PromptError as error:
-                raise PromptError(f"{name}: {error}") from error
+                # render_prompt numbers the prompts of its batch, and this batch holds only `name`
+                message = str(error)
+                if message.startswith("prompt 0 "):
+                    raise PromptError(f"{name} {message.removeprefix('prompt 0 ')}") from error
+                raise PromptError(f"{name}: {message}") from error
 
     def generate(self, mode: str, questions: list[str], item_ids: list[str]) -> list[ModeOutput]:
         """Generate the answers to `questions` with `mode`; speculative decoding takes them one at a time."""
@@ -155,13 +168,14 @@ class ModeRunner:
 
     def _speculative_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_id: str) -> tuple[list[int], dict]:
         spec = self.cfg.speculative
+        k = self.auto_k.k if self.auto_k is not None else spec.k
         generator = torch.Generator(device=input_ids.device).manual_seed(item_seed(self.cfg.seed, item_id))
         new_ids, stats = speculative_generate(
             self.target.model,
             self.draft,
             input_ids,
             attention_mask,
-            k=spec.k,
+            k=k,
             max_new_tokens=self.cfg.generation.max_new_tokens,
             temperature=spec.temperature,
             top_k=spec.top_k,
@@ -175,7 +189,19 @@ class ModeRunner:
             generator=generator,
             debug_log=self.speculative_log,
         )
+        if self.auto_k is not None:
+            self._update_auto_k(stats, input_ids[attention_mask.bool()][None])
         return new_ids[0].tolist(), stats.to_dict()
+
+    def _update_auto_k(self, stats: SpeculativeStats, prompt: torch.Tensor) -> None:
+        """Count a probe item for speculative.k=auto, and choose k once the probe items are done."""
+        self.auto_k.record(stats.accepted, stats.rejected)
+        if not self.auto_k.needs_choice:
+            return
+        c = 0.0
+        if has_draft_model(self.draft):
+            c = measure_step_costs(self.target.model, self.draft, prompt, self.auto_k.probe_k).c
+        self.auto_k.choose(c)
 
     def _trim_at_eos(self, ids: list[int]) -> list[int]:
         """Cut a row after its first EOS token (kept), which drops the padding behind it."""
@@ -191,6 +217,7 @@ def model_source(node: DictConfig, key: str) -> dict[str, Any]:
     Packaged presets set `package` and `gguf_file` and never `name_or_path`. Both
     being set therefore means that `<key>.name_or_path=...` was given on top of such
     a preset, so the package's GGUF file is dropped and the given model is loaded.
+    The model is then named by `name_or_path` in logs and errors, not by the preset.
     """
     config = OmegaConf.to_container(node, resolve=True)
     if config.get("package") is not None and config.get("name_or_path") is not None:
@@ -198,7 +225,7 @@ def model_source(node: DictConfig, key: str) -> dict[str, Any]:
             "%s.name_or_path=%s replaces the packaged source of preset %r (package %s)",
             key, config["name_or_path"], config.get("name"), config["package"],
         )
-        config.update(package=None, gguf_file=None)
+        config.update(package=None, gguf_file=None, name=config["name_or_path"] or config.get("name"))
     return config
 
 

@@ -40,7 +40,7 @@ class BeamConfig:
 
 @dataclass
 class SpeculativeConfig:
-    # an int >= 1, or "auto" (reserved for choosing k from measured speeds; not implemented yet)
+    # an int >= 1, or "auto": chosen from the acceptance and draft cost of the first items
     k: Any = 4
     temperature: float = 0.0
     top_k: int = 0
@@ -141,13 +141,15 @@ def _check_modes(modes: Any) -> None:
 
 def _check_speculative(spec: DictConfig) -> None:
     if spec.k == "auto":
-        # NOTE: the hook for choosing k from measured draft and target speeds; until it
-        # exists, "auto" is rejected here rather than guessed.
-        raise ConfigError("speculative.k=auto is not implemented yet; set an integer k >= 1 (e.g. speculative.k=4)")
+        _check_speculative_choices(spec)
+        return
     if isinstance(spec.k, bool) or not isinstance(spec.k, int):
         raise ConfigError(f"speculative.k must be an integer >= 1 or 'auto', got {spec.k!r} (set speculative.k)")
     _check_int(spec.k, "speculative.k", minimum=1)
+    _check_speculative_choices(spec)
 
+
+def _check_speculative_choices(spec: DictConfig) -> None:
     _check_choice(spec.drafter, "speculative.drafter", DRAFTERS)
     _check_choice(spec.draft_proposal, "speculative.draft_proposal", DRAFT_PROPOSALS)
     for prefix in ("", "draft_"):

@@ -35,8 +35,14 @@ def smollm2() -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def smollm2_int8() -> LoadedModel:
-    """The default draft: SmolLM2-135M-Instruct with int8 linear layers, on CPU."""
+    """SmolLM2-135M-Instruct with int8 linear layers, on CPU."""
     return load_model(compose_preset("draft", "smollm2-135m-instruct-int8"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4() -> LoadedModel:
+    """The default draft: SmolLM2-135M-Instruct with int4 linear layers, on CPU."""
+    return load_model(compose_preset("draft", "smollm2-135m-instruct-int4"))
 
 
 @pytest.fixture(scope="session")

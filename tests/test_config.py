@@ -18,13 +18,13 @@ DATASET_PRESETS = sorted(path.stem for path in (CONFIG_DIR / "dataset").glob("*.
 def test_default_config():
     cfg = compose_config([])
     assert cfg.model.name == "smollm2-135m-instruct"
-    assert cfg.draft.name == "smollm2-135m-instruct-int8"
-    assert cfg.draft.quantize == "int8"
+    assert cfg.draft.name == "smollm2-135m-instruct-int4"
+    assert cfg.draft.quantize == "int4"
     assert list(cfg.modes) == ["greedy", "beam", "speculative"]
     assert cfg.dataset.name == "qa30"
     assert cfg.generation.max_new_tokens == 32
     assert cfg.beam.num_beams == 3
-    assert cfg.speculative.k == 4
+    assert cfg.speculative.k == 7
     assert cfg.batch_size == 1
     assert cfg.wandb.mode == "offline"
     assert cfg.debug.speculative_log is None
@@ -35,6 +35,7 @@ def test_default_config():
 def test_presets_found():
     assert "smollm2-135m-instruct" in MODEL_PRESETS
     assert "smollm2-135m-instruct-int8" in DRAFT_PRESETS
+    assert "smollm2-135m-instruct-int4" in DRAFT_PRESETS
     assert DATASET_PRESETS == ["nq_open", "qa30"]
 
 
@@ -137,7 +138,6 @@ BAD_VALUES = [
     (["speculative.k=-3"], "speculative.k must be >= 1, got -3 (set speculative.k)"),
     (["speculative.k=1.5"], "speculative.k must be an integer >= 1 or 'auto', got 1.5 (set speculative.k)"),
     (["speculative.k=two"], "speculative.k must be an integer >= 1 or 'auto', got 'two' (set speculative.k)"),
-    (["speculative.k=auto"], "speculative.k=auto is not implemented yet; set an integer k >= 1 (e.g. speculative.k=4)"),
     (["speculative.temperature=-0.1"],
      "speculative.temperature must be >= 0 (0 means greedy), got -0.1 (set speculative.temperature)"),
     (["speculative.draft_temperature=-1"],
@@ -175,6 +175,16 @@ def test_bad_value_message(overrides, message):
     with pytest.raises(ConfigError) as raised:
         validate_config(cfg, script="evaluate")
     assert str(raised.value) == message
+
+
+def test_speculative_k_auto_is_valid():
+    validate_config(compose_config(["speculative.k=auto"]))
+
+
+def test_speculative_k_auto_still_checks_drafter():
+    with pytest.raises(ConfigError) as raised:
+        validate_config(compose_config(["speculative.k=auto", "speculative.drafter=ngram"]))
+    assert str(raised.value) == "speculative.drafter must be one of model, prompt_lookup, got 'ngram' (set speculative.drafter)"
 
 
 def test_speculative_checks_skipped_without_speculative_mode():

@@ -120,7 +120,7 @@ def test_resume_rejects_changed_config(tiny_dir, tmp_path):
     with pytest.raises(ConfigError) as raised:
         run_evaluate(tiny_dir, tmp_path, "modes=[greedy]", "dataset.limit=1", "speculative.k=2", "seed=5")
     assert str(raised.value) == (
-        f"the results in {tmp_path} were made with a different config (seed: 0 -> 5; speculative.k: 4 -> 2); "
+        f"the results in {tmp_path} were made with a different config (seed: 0 -> 5; speculative.k: 7 -> 2); "
         "rerun with the stored values to resume, or choose a new hydra.run.dir"
     )
     assert len(read_records(tmp_path)) == 1
@@ -341,6 +341,6 @@ def test_smollm2_smoke(tmp_path):
     for record in records:
         if record["mode"] == "speculative":
             assert record["output_token_ids"] == greedy[record["id"]]["output_token_ids"]
-    # the int8 draft is a close copy of the target, so most draft tokens pass greedy verification
+    # the int4 draft is a close copy of the target, so most draft tokens pass greedy verification
     assert result.summaries["speculative"]["acceptance_rate"] > 0.5
     assert "Paris" in greedy["capital-france"]["output_text"]

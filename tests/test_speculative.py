@@ -321,6 +321,25 @@ def test_eos_from_draft_model_matches_hf(arch):
         check_stats_invariants(stats, ours)
 
 
+def test_draft_stops_after_eos():
+    target = tiny("llama")
+    prompt = random_prompt(LONG_PROMPT, seed=9)
+    free_run = hf_greedy(target, prompt, NEW_TOKENS, eos_token_id=None)[0].tolist()
+    # an EOS id that first appears as the third generated token
+    position = next(i for i in range(2, NEW_TOKENS) if free_run[i] not in free_run[:i])
+    eos_id = free_run[position]
+
+    ours, stats = speculative_generate(
+        target, ModelDrafter(target), prompt, k=8, max_new_tokens=NEW_TOKENS, eos_token_id=eos_id
+    )
+
+    assert torch.equal(ours, hf_greedy(target, prompt, NEW_TOKENS, eos_token_id=eos_id))
+    # one step: the prompt prefill, then one draft pass per token up to and including the EOS
+    assert stats.verification_calls == 1
+    assert stats.draft_forward_calls == 1 + position + 1
+    assert stats.drafted == position + 1
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("max_new_tokens", [1, 2])
 def test_short_outputs_match_hf(arch, max_new_tokens):

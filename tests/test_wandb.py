@@ -38,7 +38,7 @@ def test_offline_run_reads_back(tiny_dir, tmp_path):
     assert summary["state"] == "finished"
     assert summary["exit_code"] == 0
     assert summary["project"] == "specqa"
-    assert summary["config"]["speculative"]["k"] == 4
+    assert summary["config"]["speculative"]["k"] == 7
     assert summary["config"]["dataset"]["limit"] == 2
     assert summary["summary"]["greedy/n"] == 2
     assert summary["summary"]["speculative/acceptance_rate"] == 1.0

@@ -1,0 +1,1 @@
+"""Speed benchmarks of the decoders against transformers; run `python -m benchmarks.speed`."""
