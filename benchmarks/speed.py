@@ -67,6 +67,8 @@ CONFIG_DIR = PROJECT_ROOT / "config"
 DATASETS = {"qa30": "datasets/qa_dataset.json", "nq_open": "datasets/nq_open_subset.jsonl"}
 DRAFTERS = ("model", "prompt_lookup", "combined")
 DRAFT_RUNNERS = ("lean", "lean-own-cache", "transformers")
+# a 1-minute load average above this, before the run starts, means another process is busy
+LOAD_WARNING = 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,9 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", default="nq_open",
                         help="questions to time: qa30, nq_open, or a dataset file path (default: nq_open)")
     parser.add_argument("--num-prompts", type=int, default=10, help="number of questions to time, from the start of the file")
-    parser.add_argument("--k", default=None,
-                        help="draft tokens per speculative step, or 'auto' to choose k from measured alpha and c "
-                             "(default: the config's speculative.k)")
+    parser.add_argument("--k", default="auto",
+                        help="draft tokens per speculative step, or 'auto' (default) to choose k from alpha and c "
+                             "measured on the first prompts, as speculative.k=auto does")
     parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="largest k that --k auto considers")
     parser.add_argument("--probe-prompts", type=int, default=PROBE_ITEMS,
                         help="prompts whose acceptance --k auto measures")
@@ -107,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JSON file to write")
     args = parser.parse_args(argv)
 
-    if args.k is not None and args.k != "auto":
+    if args.k != "auto":
         try:
             args.k = int(args.k)
         except ValueError:
@@ -134,8 +136,6 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"draft={args.draft}")
     if args.max_new_tokens:
         overrides.append(f"generation.max_new_tokens={args.max_new_tokens}")
-    if args.k is not None:
-        overrides.append(f"speculative.k={args.k}")
     if args.drafter == "prompt_lookup":
         overrides.append("speculative.drafter=prompt_lookup")
     if args.num_beams:
@@ -440,8 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average_start": os.getloadavg(),
     }
+    if record["load_average_start"][0] > LOAD_WARNING:
+        logger.warning(
+            "the 1-minute load average is %.2f: other processes share the CPU, so the timings are unreliable",
+            record["load_average_start"][0],
+        )
+    # the memory measurement runs evaluate.py with these overrides, so with the config's own k
     overrides = config_overrides(args)
-    cfg = compose_config(overrides)
+    cfg = compose_config([*overrides, f"speculative.k={args.k}"])
     set_draft_dtype(cfg, args.dtype, overrides)
     device = torch.device("cuda" if args.device.startswith("cuda") else "cpu")
 
