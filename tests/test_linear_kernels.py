@@ -71,7 +71,7 @@ def test_int4_weight_round_trip_on_grid():
     # a weight already on a 4-bit grid per group, as a dequantized Q4_1 GGUF file is
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (32, 64))
-    codes[:, ::INT4_GROUP_SIZE] = 0  # every group holds both extremes
+    codes[:, ::INT4_GROUP_SIZE] = 0  # every group contains both extremes
     codes[:, 1::INT4_GROUP_SIZE] = 15
     scales = torch.rand(32, 64 // INT4_GROUP_SIZE) + 0.1
     lows = torch.randn(32, 64 // INT4_GROUP_SIZE)
