@@ -158,9 +158,12 @@ class LlamaDraftRunner:
         (num_tokens,) = tokens.shape[-1:]
         start, end = self.length, self.length + num_tokens
         if end > self.keys.shape[2]:
-            raise ValueError(f"the draft cache holds {self.keys.shape[2]} positions, but {end} are needed")
+            raise ValueError(
+                f"draft cache is full: it has room for {self.keys.shape[2]} positions, but {end} are needed; "
+                "call start() with a capacity of at least prompt length + max_new_tokens + k"
+            )
         cos, sin = self.cos[start:end], self.sin[start:end]  # (n, head dim)
-        # a block of several tokens attends causally to itself; one token sees every cached position
+        # a block of several tokens attends causally to itself, and a single token attends to every cached position
         mask = None
         if num_tokens > 1:
             mask = torch.ones(num_tokens, end, dtype=torch.bool).tril(diagonal=start)  # (n, end)

@@ -77,7 +77,7 @@ def test_runner_copy_from_target_cache():
 def test_runner_rejects_overflow():
     runner = LlamaDraftRunner(make_tiny_model("llama"))
     runner.start(4)
-    with pytest.raises(ValueError, match="holds 4 positions, but 5 are needed"):
+    with pytest.raises(ValueError, match="room for 4 positions, but 5 are needed"):
         runner.forward(random_prompt(5))
 
 

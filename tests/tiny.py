@@ -1,8 +1,8 @@
 """Tiny random models, built in the test process, for every architecture the presets use.
 
 Each model is small enough to run a whole decoding test in well under a second on
-one CPU core, and uses a larger `initializer_range` than the library default so
-that its next-token distributions are peaked: near-ties in the argmax would make
+one CPU core. The models use a larger `initializer_range` than the library default,
+so their next-token distributions are peaked. Near-ties in the argmax would make
 exact comparisons with transformers depend on floating-point summation order.
 """
 
