@@ -2,7 +2,7 @@
 
 For each packaged preset (by default all of them), assemble and verify its GGUF file
 when it comes in parts, then dequantize it into the specqa cache folder, so that later
-loads take about a second. A preset whose cache entry is already intact costs one
+loads skip the dequantization. A preset whose cache entry is already intact costs one
 sha256 pass over the cached files. The packages themselves are installed by
 `make models`. This module downloads nothing.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from experiments.models import ModelLoadError, as_model_config, cache_dir, dequantized_folder
+from experiments.models import ModelConfig, ModelLoadError, as_model_config, cache_dir, dequantized_folder
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +24,18 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 PACKAGED_PRESETS = ("smollm2-135m-instruct", "gemma3-270m")
 
 
-def prepare_preset(preset: str) -> None:
-    """Compose config/model/<preset>.yaml and build or verify its dequantized cache entry."""
+def compose_preset_config(preset: str) -> ModelConfig:
+    """Compose config/model/<preset>.yaml and validate it into a `ModelConfig`."""
     if not (CONFIG_DIR / "model" / f"{preset}.yaml").is_file():
         available = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
         raise ModelLoadError(f"model preset {preset!r} not found in {CONFIG_DIR / 'model'}; available: {available}")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        config = as_model_config(compose(overrides=[f"+model={preset}"]).model)
-    dequantized_folder(config)
+        return as_model_config(compose(overrides=[f"+model={preset}"]).model)
+
+
+def prepare_preset(preset: str) -> None:
+    """Compose config/model/<preset>.yaml and build or verify its dequantized cache entry."""
+    dequantized_folder(compose_preset_config(preset))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""Smoke tests of the speed benchmark on tiny models: helpers, the report, and one full run.
+"""Smoke tests of the benchmarks: the speed benchmark on tiny models, the load benchmark on SmolLM2.
 
 Nothing here asserts a speed: the tiny models only exercise the machinery (timing
 loop, identity checks, JSON, table and last line, batching, the memory child process).
+The load benchmark checks only the order of its figures: a cold load is slower than a
+cached one.
 """
 
 import json
@@ -119,3 +121,31 @@ def test_benchmark_runs_on_tiny_model(tmp_path, k):
         assert record["settings"]["k"] == record["k_auto"]["k"]
     else:
         assert record["settings"]["k"] == 3
+
+
+def test_load_benchmark_cold_and_cached(tmp_path):
+    out = tmp_path / "load.json"
+    command = [sys.executable, "-m", "benchmarks.load", "--repeats", "1", "--out", str(out)]
+
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"first_load_s=[\d.]+ second_load_s=[\d.]+ second_in_process_s=[\d.]+ import_floor_s=[\d.]+", last
+    ), last
+    record = json.loads(out.read_text())
+    summary = record["summary"]
+    # the cold load dequantizes; every cached load skips that
+    assert summary["first_load_s"] > summary["second_load_s"] > summary["second_in_process_s"]
+    assert summary["second_load_s"] > summary["import_floor_s"] > 0
+    assert len(record["second"]) == 1
+
+
+def test_load_benchmark_rejects_zero_repeats():
+    command = [sys.executable, "-m", "benchmarks.load", "--repeats", "0"]
+
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 2
+    assert "--repeats must be >= 1, got 0" in result.stderr

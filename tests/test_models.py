@@ -7,6 +7,7 @@ SmolLM2 and Gemma 3 270M through the session fixtures in conftest.py.
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import gguf
@@ -474,6 +475,49 @@ def test_damaged_cache_entry_rebuilt(cache, tiny_gguf, count_builds, damage):
     assert cache_entry_is_valid(entry)
     ids = random_prompt(8)
     assert torch.equal(logits(loaded.model, ids), logits(source, ids))
+
+
+def test_cache_hit_verifies_in_worker_thread(cache, tiny_gguf, monkeypatch):
+    path, _, _ = tiny_gguf
+    entry = dequantized_folder({"gguf_file": str(path)})
+    events = []
+    verify = models.cache_entry_is_valid
+
+    def recording_verify(folder):
+        events.append(("verify", threading.current_thread().name, folder))
+        return verify(folder)
+
+    monkeypatch.setattr(models, "cache_entry_is_valid", recording_verify)
+
+    again = dequantized_folder({"gguf_file": str(path)}, while_verifying=lambda folder: events.append(("call", folder)))
+
+    assert again == entry
+    assert ("call", entry) in events
+    [(_, thread_name, folder)] = [event for event in events if event[0] == "verify"]
+    assert thread_name.startswith("specqa-verify")
+    assert folder == entry
+
+
+def test_damaged_entry_rebuilt_after_callable(cache, tiny_gguf, count_builds):
+    path, _, _ = tiny_gguf
+    entry = dequantized_folder({"gguf_file": str(path)})
+    _flip_byte(entry)
+    calls = []
+
+    dequantized_folder({"gguf_file": str(path)}, while_verifying=calls.append)
+
+    assert calls == [entry]
+    assert count_builds == [entry, entry]
+    assert cache_entry_is_valid(entry)
+
+
+@pytest.mark.parametrize("config_text", ["{not json", '["a list"]', '{"model_type": "no-such-type"}'])
+def test_import_loader_modules_skips_unknown(tmp_path, config_text):
+    (tmp_path / "config.json").write_text(config_text)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+
+    models._import_loader_modules(tmp_path)  # the load that follows reports the problem
+    models._import_loader_modules(tmp_path / "missing")
 
 
 def test_modified_gguf_replaces_entry(cache, tiny_gguf, count_builds):
