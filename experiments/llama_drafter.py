@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from decoding.speculative import DraftSettings, IncrementalModel, ModelDrafter
-from experiments.linear_kernels import Int4Linear
+from experiments.linear_kernels import Int4Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -43,26 +43,52 @@ def lean_runner_supported(model: torch.nn.Module) -> bool:
     return model.device.type == "cpu" and model.dtype == torch.float32
 
 
-def _projection(modules: list[torch.nn.Module], dtype: torch.dtype):
-    """Return a function from rows (n, in) to the concatenated outputs of `modules` (n, sum of outs), in `dtype`.
-
-    Int4 layers without bias are fused into one int4 product: the packed weights are
-    rows of the output, so stacking them (and their scales) along the output stacks
-    the products. Other layers are called one by one.
-    """
+def _fused_product(modules: list[torch.nn.Module], dtype: torch.dtype):
+    """Return one low-bit product that computes all of `modules` at once, or None when they cannot be fused."""
+    if dtype != torch.bfloat16 or any(module.bias is not None for module in modules):
+        return None
     first = modules[0]
-    fusable = all(
-        isinstance(module, Int4Linear) and module.bias is None and module.group_size == first.group_size
-        for module in modules
-    )
-    if fusable and dtype == torch.bfloat16:
+    if all(isinstance(module, Int8Linear) for module in modules):
+        codes = torch.cat([module.weight_codes for module in modules], dim=0)  # (sum of outs, in)
+        scales = torch.cat([module.scales for module in modules], dim=0)
+        return lambda rows: torch.ops.aten._weight_int8pack_mm(rows, codes, scales)
+    if all(isinstance(module, Int4Linear) and module.group_size == first.group_size for module in modules):
         packed = torch.cat([module.packed_weight for module in modules], dim=0)
         scales = torch.cat([module.scales_and_zeros for module in modules], dim=1)  # (groups, sum of outs, 2)
         group_size = first.group_size
         return lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales)
-    if len(modules) == 1:
-        return lambda rows: first(rows).to(dtype)
-    return lambda rows: torch.cat([module(rows).to(dtype) for module in modules], dim=-1)
+    return None
+
+
+def _projection(modules: list[torch.nn.Module], dtype: torch.dtype):
+    """Return a function from rows (n, in) to the concatenated outputs of `modules` (n, sum of outs), in `dtype`.
+
+    Int8 or int4 layers without bias are fused into one product: their weights are rows
+    of the output, so stacking them (and their scales) along the output stacks the
+    products. Other layers are called one by one.
+
+    The int4 kernel's packed layout interleaves blocks of output rows (64 rows on the
+    development machine, and the block may differ by CPU), so packed weights only stack
+    when each layer is a whole number of blocks. The fused product is therefore checked
+    once against the separate layers on a random input, and not used when it differs.
+    """
+    first = modules[0]
+    separate = (lambda rows: first(rows).to(dtype)) if len(modules) == 1 else (
+        lambda rows: torch.cat([module(rows).to(dtype) for module in modules], dim=-1)
+    )
+    fused = _fused_product(modules, dtype) if len(modules) > 1 else None
+    if fused is None:
+        return separate
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, first.in_features, generator=generator).to(dtype)
+    with torch.inference_mode():
+        expected, actual = separate(probe).float(), fused(probe).float()
+    if torch.allclose(actual, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()):
+        return fused
+    logger.debug("the fused product of %d %s layers differs from the layers; calling them one by one",
+                 len(modules), type(first).__name__)
+    return separate
 
 
 class LlamaDraftRunner:
@@ -94,8 +120,8 @@ class LlamaDraftRunner:
         self.scale = self.head_dim**-0.5
 
         inner = model.model
-        has_int4 = any(isinstance(module, Int4Linear) for module in model.modules())
-        self.projection_dtype = torch.bfloat16 if has_int4 else torch.float32
+        low_bit = any(isinstance(module, (Int4Linear, Int8Linear)) for module in model.modules())
+        self.projection_dtype = torch.bfloat16 if low_bit else torch.float32
         self.embedding = inner.embed_tokens
         self.final_norm = inner.norm.weight
         self.head = model.get_output_embeddings()

@@ -29,7 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from experiments.linear_kernels import prepack_available, prepack_linears, quantize_int4
+from experiments.linear_kernels import prepack_available, prepack_linears, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -675,25 +674,7 @@ def _load_named(config: ModelConfig, dtype: Any):
         raise _hub_error(config, error) from error
 
 
-# --- int8 draft -----------------------------------------------------------------------
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Return a copy of a float32 CPU model whose `nn.Linear` layers compute in int8.
-
-    Weights are quantized per output channel and activations per tensor at run time
-    (`torch.ao.quantization.quantize_dynamic`). The embedding stays float32, and the
-    result is deterministic. The preset smollm2-135m-instruct-int8 records why this
-    method was chosen over torchao's weight-only int8 and over bfloat16.
-    """
-    # NOTE: torch 2.13 deprecates torch.ao.quantization and the qint8 tensor type in favour
-    # of torchao and warns that they will be removed. The warnings are silenced here
-    # because they repeat on every load, and this function is tested with torch 2.13 only.
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(quantized tensor creation|torch\.ao\.quantization)")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\.quantization")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig}, inplace=False)
+# --- quantized drafts -----------------------------------------------------------------
 
 
 def _apply_quantization(model, config: ModelConfig):
@@ -705,8 +686,8 @@ def _apply_quantization(model, config: ModelConfig):
             f"model {config.name!r}: quantize={config.quantize!r} needs float32 weights, but dtype={config.dtype!r} "
             f"loaded {model.dtype}; set dtype=float32"
         )
+    # in place, so the float32 copy is freed layer by layer and never held twice
     if config.quantize == "int4":
-        # in place, so the float32 copy is freed layer by layer and never held twice
         return quantize_int4(model)
     return quantize_int8(model)
 

@@ -1,4 +1,4 @@
-"""oneDNN-prepacked and int4 linear layers: values against nn.Linear, model conversion, decoding parity."""
+"""oneDNN-prepacked, int4 and int8 linear layers: values against nn.Linear, model conversion, decoding parity."""
 
 import copy
 
@@ -11,12 +11,15 @@ from decoding import beam_search, greedy_generate
 from experiments.linear_kernels import (
     INT4_GROUP_SIZE,
     Int4Linear,
+    Int8Linear,
     PackedLinear,
     dequantize_int4_weight,
     int4_supported,
     prepack_linears,
     quantize_int4,
     quantize_int4_weight,
+    quantize_int8,
+    quantize_int8_weight,
 )
 
 EOS_ID = 2
@@ -121,6 +124,66 @@ def test_int4_supported_shapes(in_features, out_features, supported):
 def test_int4_linear_rejects_unsupported_shape():
     with pytest.raises(ValueError, match="in_features divisible by 32"):
         Int4Linear(nn.Linear(48, 32))
+
+
+def test_int8_weight_round_trip_on_grid():
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (16, 48), dtype=torch.int8)
+    codes[:, 0] = 127  # every row reaches the largest code
+    scales = (torch.rand(16) + 0.01).bfloat16()
+    weight = codes.float() * scales.float()[:, None]
+
+    found_codes, found_scales = quantize_int8_weight(weight)
+
+    assert torch.equal(found_codes, codes)
+    assert torch.equal(found_scales, scales)
+
+
+def test_int8_scales_round_up_to_bfloat16():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 40)
+
+    codes, scales = quantize_int8_weight(weight)
+
+    assert scales.dtype == torch.bfloat16
+    assert (scales.float() * 127 >= weight.abs().amax(dim=1)).all()
+    # no code is clipped, so each weight is within half a step of its code
+    error = (codes.float() * scales.float()[:, None] - weight).abs()
+    assert (error <= scales.float()[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_zero_row_gets_scale_one():
+    codes, scales = quantize_int8_weight(torch.zeros(3, 8))
+
+    assert torch.equal(scales.float(), torch.ones(3))
+    assert torch.equal(codes, torch.zeros(3, 8, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_matches_dequantized_weight(bias):
+    layer = linear(48, 40, bias=bias)
+    int8 = Int8Linear(layer)
+    x = torch.randn(2, 3, 48)
+
+    codes, scales = quantize_int8_weight(layer.weight)
+    expected = x @ (codes.float() * scales.float()[:, None]).T + (layer.bias.detach() if bias else 0.0)
+    with torch.inference_mode():
+        actual = int8(x)
+
+    assert actual.shape == (2, 3, 40)
+    assert actual.dtype == torch.float32
+    # bfloat16 activations: about 3 significant digits
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_quantize_int8_converts_every_linear():
+    model = quantize_int8(copy.deepcopy(make_tiny_model("llama")))
+
+    int8_layers = [module for module in model.modules() if isinstance(module, Int8Linear)]
+    assert len(int8_layers) == 2 * 7 + 1
+    assert not [module for module in model.modules() if type(module) is nn.Linear]
+    assert model.get_output_embeddings() in int8_layers
+    assert model.dtype == torch.float32
 
 
 def test_prepack_replaces_every_linear():

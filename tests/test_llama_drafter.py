@@ -1,13 +1,14 @@
 """LlamaDraftRunner against transformers' forward pass, and LlamaDrafter inside speculative decoding."""
 
 import copy
+import logging
 
 import pytest
 import torch
 from tiny import make_tiny_model, random_prompt
 
 from decoding.speculative import IncrementalModel, ModelDrafter, speculative_generate
-from experiments.linear_kernels import prepack_linears, quantize_int4
+from experiments.linear_kernels import prepack_linears, quantize_int4, quantize_int8
 from experiments.llama_drafter import LlamaDrafter, LlamaDraftRunner, lean_runner_supported, model_drafter
 
 EOS_ID = 2
@@ -41,6 +42,36 @@ def test_runner_logits_match_transformers():
 
     assert runner.length == 12
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", [quantize_int4, quantize_int8])
+def test_runner_fused_projections_match_modules(quantize):
+    # The runner fuses q, k and v (and gate and up) into one low-bit product. The
+    # model's own forward pass calls each layer with the same weights.
+    model = quantize(copy.deepcopy(make_tiny_model("llama")))
+    runner = LlamaDraftRunner(model)
+    ids = random_prompt(10)
+    expected = hf_logits(model, ids)
+
+    runner.start(16)
+    actual = torch.cat([runner.forward(ids[:, :7], 7), runner.forward(ids[:, 7:], 3)])
+
+    assert runner.projection_dtype == torch.bfloat16
+    # bfloat16 products summed in another order: about 3 significant digits
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize(("quantize", "fused"), [(quantize_int8, True), (quantize_int4, False)])
+def test_fusion_checked_against_layers(quantize, fused, caplog):
+    # the tiny model's k and v projections have 16 outputs: int8 codes stack at any
+    # size, but int4's packed layout does not stack below its block of output rows
+    model = quantize(copy.deepcopy(make_tiny_model("llama")))
+
+    with caplog.at_level(logging.DEBUG, logger="experiments.llama_drafter"):
+        LlamaDraftRunner(model)
+
+    fallback = [record for record in caplog.records if "differs from the layers" in record.getMessage()]
+    assert (fallback == []) is fused
 
 
 def test_runner_crop_then_refeed_is_unchanged():
@@ -136,10 +167,11 @@ def test_shared_cache_not_used_for_other_shapes():
     assert drafter.use_target_cache(IncrementalModel(make_tiny_model("llama", seed=3), "target")) is True
 
 
-def test_int4_and_prepacked_drafts_match_hf():
+@pytest.mark.parametrize("quantize", [quantize_int4, quantize_int8])
+def test_quantized_drafts_match_hf(quantize):
     target = copy.deepcopy(make_tiny_model("llama"))
     prepack_linears(target)
-    draft = quantize_int4(copy.deepcopy(make_tiny_model("llama")))
+    draft = quantize(copy.deepcopy(make_tiny_model("llama")))
     prompt = random_prompt(9)
 
     new_ids, stats = speculative_generate(target, model_drafter(draft), prompt, k=4, max_new_tokens=NEW_TOKENS)
