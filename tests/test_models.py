@@ -7,6 +7,7 @@ SmolLM2 and Gemma 3 270M through the session fixtures in conftest.py.
 
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -529,6 +530,34 @@ def test_modified_gguf_replaces_entry(cache, tiny_gguf, count_builds):
     assert second_entry != first_entry
     assert count_builds == [first_entry, second_entry]
     assert sorted((cache / "dequantized").iterdir()) == [second_entry]
+
+
+def test_entry_of_deleted_gguf_removed(cache, tmp_path, count_builds):
+    first_path = tmp_path / "first" / "tiny-llama.gguf"
+    first_path.parent.mkdir()
+    write_tiny_gguf(first_path)
+    orphan = dequantized_folder({"gguf_file": str(first_path)})
+    first_path.unlink()
+    second_path = tmp_path / "second" / "tiny-llama.gguf"
+    second_path.parent.mkdir()
+    write_tiny_gguf(second_path)
+
+    new_entry = dequantized_folder({"gguf_file": str(second_path)})
+
+    assert not orphan.exists()
+    assert sorted((cache / "dequantized").iterdir()) == [new_entry]
+
+
+def test_entry_of_existing_gguf_kept(cache, tmp_path, tiny_gguf):
+    path, _, _ = tiny_gguf
+    first = dequantized_folder({"gguf_file": str(path)})
+    copy_path = tmp_path / "copy" / path.name
+    copy_path.parent.mkdir()
+    shutil.copy2(path, copy_path)
+
+    second = dequantized_folder({"gguf_file": str(copy_path)})
+
+    assert sorted((cache / "dequantized").iterdir()) == sorted([first, second])
 
 
 def test_tiny_folder_loads_by_name_or_path(tmp_path):
