@@ -17,7 +17,8 @@ dequantizes the GGUF file and writes the cache entry. The measured loads are:
   transformers modules that this architecture's `from_pretrained` needs. No cached
   load in a fresh process can take less.
 
-The JSON goes to `--out`, and the last line is
+The JSON goes to `--out` (by default the committed benchmarks/results/load.json, so a
+run shows up in `git status`), and the last line is
 `first_load_s=... second_load_s=... second_in_process_s=... import_floor_s=...`.
 """
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child, args.preset)
         return 0
 
+    load_average_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="specqa-load-cache-") as cache:
         print(f"cache folder for this run: {cache}", flush=True)
         first = run_child("first", args.preset, Path(cache))
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "load_average_1min": os.getloadavg()[0],
+        "load_average_1min_start": load_average_start,
+        "load_average_1min_end": os.getloadavg()[0],
         "summary": summary,
         "first": first,
         "second": seconds,

