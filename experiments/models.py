@@ -668,7 +668,7 @@ def _error_chain(error: BaseException) -> list[BaseException]:
 def _import_loader_modules(folder: Path) -> None:
     """Import the transformers modules that loading `folder` will need.
 
-    These imports are most of a cached load in a fresh process (1.7 s of 2.5 s for
+    These imports are most of a cached load in a fresh process (1.8 s of 2.5 s for
     SmolLM2, `python -m benchmarks.load`), so `load_model` runs them while the cache
     entry is being hashed. Only config.json and tokenizer_config.json are read, to name
     the classes. An unreadable file or unknown name is skipped here, and the load that
