@@ -73,10 +73,15 @@ def _projection(modules: list[torch.nn.Module], dtype: torch.dtype):
     once against the separate layers on a random input, and not used when it differs.
     """
     first = modules[0]
-    separate = (lambda rows: first(rows).to(dtype)) if len(modules) == 1 else (
-        lambda rows: torch.cat([module(rows).to(dtype) for module in modules], dim=-1)
-    )
-    fused = _fused_product(modules, dtype) if len(modules) > 1 else None
+
+    def separate(rows: torch.Tensor) -> torch.Tensor:
+        if len(modules) == 1:
+            return first(rows).to(dtype)
+        return torch.cat([module(rows).to(dtype) for module in modules], dim=-1)
+
+    if len(modules) == 1:
+        return separate
+    fused = _fused_product(modules, dtype)
     if fused is None:
         return separate
 

@@ -635,9 +635,9 @@ def _hub_error(
     elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
         reason = f"hub repository {repo!r} does not exist or is private (check the id, or run `hf auth login`)"
     elif _hub_offline() or not reached:
-        why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"the hub could not be reached ({_first_line(error)})"
+        cause = "HF_HUB_OFFLINE is set" if _hub_offline() else f"the hub could not be reached ({_first_line(error)})"
         reason = (
-            f"hub id {repo!r} is not in the local Hugging Face cache and {why}, "
+            f"hub id {repo!r} is not in the local Hugging Face cache and {cause}, "
             f"and no local folder of that name exists"
         )
     else:

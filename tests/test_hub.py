@@ -22,7 +22,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +102,6 @@ class Outcome:
     """Result of one child process, with what it saved."""
 
     result: subprocess.CompletedProcess
-    wall_s: float
     # logits and vocabulary, or error messages
     saved: dict | None = None
     # requests for TINY_REPO that the server had seen before this case started
@@ -142,7 +140,6 @@ def run_case(case: Case, root: Path, endpoint: str) -> Outcome:
     env = child_env(endpoint, root / "caches" / (case.caches_of or case.name).replace(" ", "-"))
     out = root / "saved" / slug
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
     if case.config is not None:
         command = [sys.executable, "-c", LOAD_SCRIPT, json.dumps(case.config), json.dumps(PROMPT.tolist()), str(out)]
@@ -153,14 +150,13 @@ def run_case(case: Case, root: Path, endpoint: str) -> Outcome:
                      f"hydra.run.dir={root / 'runs' / slug}"]
         # run_cli sets HF_HUB_OFFLINE=1, so it is set back to 0 here.
         result = run_cli("run.py", overrides, timeout=120, **{**env, "HF_HUB_OFFLINE": "0"})
-        return Outcome(result, time.perf_counter() - started)
+        return Outcome(result)
 
     result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    wall_s = time.perf_counter() - started
     if result.returncode != 0:
-        return Outcome(result, wall_s)
+        return Outcome(result)
     saved = torch.load(out) if case.config is not None else json.loads(out.read_text())
-    return Outcome(result, wall_s, saved)
+    return Outcome(result, saved)
 
 
 @pytest.fixture(scope="module")

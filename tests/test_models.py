@@ -638,10 +638,10 @@ def _stub_hub(monkeypatch, model_info) -> list:
 
 
 def test_unreachable_hub_id_error_online(monkeypatch):
-    def refused(self, repo_id, **kwargs):
+    def connection_error(self, repo_id, **kwargs):
         raise ConnectionError("[Errno 111] Connection refused")
 
-    attempts = _stub_hub(monkeypatch, refused)
+    attempts = _stub_hub(monkeypatch, connection_error)
 
     message = load_error({"name_or_path": "specqa-tests/no-such-model"})
 
